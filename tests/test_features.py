@@ -623,7 +623,8 @@ def test_text_classifier_matches_manual(loaded):
 def test_text_classifier_single_template(loaded):
     weights = text_classifier(loaded, ("circle", "square"), ("a photo of a {}.",), "cpu")
     with torch.inference_mode():
-        direct = F.normalize(loaded.model.encode_text(loaded.tokenizer(["a photo of a circle.", "a photo of a square."])), dim=-1)
+        tokens = loaded.tokenizer(["a photo of a circle.", "a photo of a square."])
+        direct = F.normalize(loaded.model.encode_text(tokens), dim=-1)
     torch.testing.assert_close(weights, direct, atol=1e-6, rtol=0)
 
 

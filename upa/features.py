@@ -479,7 +479,7 @@ def encode_images(loaded: LoadedCLIP, dataset: ImageDataset, device: str | torch
     """Encode every image of ``dataset`` and return float32 L2-normalised features [N, D] on the CPU.
 
     Row i belongs to ``dataset[i]``. Features stream into one preallocated tensor, so memory
-    beyond the model stays at N·D floats plus one batch. ``num_workers`` defaults to
+    beyond the model stays at N·D floats plus the batches in flight. ``num_workers`` defaults to
     min(4, CPU count); AMP (see :func:`autocast_dtype`) runs on CUDA only.
     """
     device = torch.device(device)
@@ -751,7 +751,9 @@ def _check_indices(indices: torch.Tensor, num_images: int) -> torch.Tensor:
     if indices.ndim != 1 or indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise ValueError(f"indices must be an integer tensor of shape [M], got {indices.dtype} {tuple(indices.shape)}")
     if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= num_images):
-        raise ValueError(f"indices must lie in [0, {num_images}), got min {int(indices.min())} max {int(indices.max())}")
+        raise ValueError(
+            f"indices must lie in [0, {num_images}), got min {int(indices.min())} max {int(indices.max())}"
+        )
     return indices.long()
 
 
@@ -812,8 +814,9 @@ def text_classifier(loaded: LoadedCLIP, classnames: Sequence[str], templates: Se
                     batch_size: int = 256) -> torch.Tensor:
     """Build the zero-shot text classifier T [C, D] (float32, CPU).
 
-    Each class's T templates are filled with its name and encoded; the T L2-normalised
-    embeddings are averaged and the mean is normalised again. ``batch_size`` counts prompts.
+    Every template is filled with the class name and encoded. Each class's L2-normalised
+    prompt embeddings are averaged and the mean is normalised again. ``batch_size`` counts
+    prompts.
     """
     _check_templates(classnames, templates)
     device = torch.device(device)
