@@ -201,7 +201,7 @@ def test_train_prototype_adapter_leaves_text_frozen():
 def test_train_prototype_adapter_non_finite_loss_raises():
     sim = simulate_clip_features(SimulationConfig(train_per_class=5, test_per_class=5))
     protos = class_prototypes(sim.train_features, sim.train_labels, 10)
-    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+    with pytest.raises(FloatingPointError, match="non-finite prototype layer loss"):
         train_prototype_adapter(sim.train_features, sim.train_labels, sim.text_weights, protos,
                                 100.0, float("inf"), 1.0, AdapterTraining(epochs=1), progress=False)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +207,56 @@ class AdapterTraining:
     batch_size: int = 256
 
 
+def fit_on_cached_views(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    progress: bool = True,
+    name: str = "training",
+    hint: str = "lower the learning rate",
+) -> list[float]:
+    """Minimise cross-entropy over cached augmented views, one random view per image per epoch.
+
+    features [M, V, D] on the training device, labels [M]. Every epoch shuffles the M images and
+    draws one of the V views for each with ``generator`` (a CPU generator), so a run is fixed by
+    its seed. ``logits_fn(batch_features [B, D], batch [B]) -> [B, C]`` computes the logits of the
+    normalised batch. ``scheduler`` steps after every batch and ``on_epoch_start(epoch)`` runs
+    before each epoch. Returns the mean loss of each epoch and raises FloatingPointError with
+    ``hint`` when the loss stops being finite.
+    """
+    num_images, num_views, _ = features.shape
+    device = features.device
+    epoch_losses: list[float] = []
+    for epoch in tqdm(range(epochs), desc=name, unit="epoch", disable=not progress):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        order = torch.randperm(num_images, generator=generator)
+        views = torch.randint(num_views, (num_images,), generator=generator)
+        total = 0.0
+        for start in range(0, num_images, batch_size):
+            batch = order[start : start + batch_size].to(device)
+            batch_views = views[start : start + batch_size].to(device)
+            batch_features = F.normalize(features[batch, batch_views].float(), dim=-1)
+            loss = F.cross_entropy(logits_fn(batch_features, batch), labels[batch])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite {name} loss ({loss.item()}) at epoch {epoch + 1}; {hint}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.item() * len(batch)
+        epoch_losses.append(total / num_images)
+        log.debug("%s epoch %d: loss %.4f", name, epoch + 1, epoch_losses[-1])
+    return epoch_losses
+
+
 class PrototypeAdapter(torch.nn.Module):
     """The trainable prototype layer W [C, D], a bias-free linear layer initialised with prototypes."""
 
@@ -254,29 +305,14 @@ def train_prototype_adapter(
         adapter.parameters(), lr=training.lr, eps=training.eps, weight_decay=training.weight_decay
     )
     steps_per_epoch = math.ceil(num_images / training.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, training.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, training.epochs * steps_per_epoch))
 
-    epoch_losses: list[float] = []
-    for epoch in tqdm(range(training.epochs), desc="prototype layer", unit="epoch", disable=not progress):
-        order = torch.randperm(num_images, generator=generator)
-        views = torch.randint(num_views, (num_images,), generator=generator)
-        total = 0.0
-        for start in range(0, num_images, training.batch_size):
-            batch = order[start : start + training.batch_size].to(device)
-            batch_views = views[start : start + training.batch_size].to(device)
-            batch_features = F.normalize(features[batch, batch_views].float(), dim=-1)
-            logits = adapter(batch_features, text_weights, logit_scale, beta, eta)
-            loss = F.cross_entropy(logits, labels[batch])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}; "
-                    f"lower the learning rate ({training.lr}) or eta ({eta})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-        epoch_losses.append(total / num_images)
-        log.debug("epoch %d: pseudo-label loss %.4f", epoch + 1, epoch_losses[-1])
+    def logits_fn(batch_features, batch):
+        return adapter(batch_features, text_weights, logit_scale, beta, eta)
+
+    epoch_losses = fit_on_cached_views(
+        features, labels, logits_fn, optimizer, training.epochs, training.batch_size, generator,
+        scheduler=scheduler, progress=progress, name="prototype layer",
+        hint=f"lower the learning rate ({training.lr}) or eta ({eta})",
+    )
     return adapter.weight.detach(), epoch_losses

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer, text_global_pool
-from tqdm.auto import tqdm
+
+from upa.method import fit_on_cached_views
 
 log = logging.getLogger(__name__)
 
@@ -280,28 +281,16 @@ def train_prompt_learner(
         [learner.ctx], lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay
     )
 
-    epoch_losses: list[float] = []
-    for epoch in tqdm(range(training.epochs), desc="prompt context", unit="epoch", disable=not progress):
+    def set_epoch_lr(epoch):
         for group in optimizer.param_groups:
             group["lr"] = _epoch_lr(training, epoch)
-        order = torch.randperm(num_images, generator=generator)
-        drawn = torch.randint(num_views, (num_images,), generator=generator)
-        total = 0.0
-        for start in range(0, num_images, training.batch_size):
-            batch = order[start : start + training.batch_size].to(device)
-            batch_views = drawn[start : start + training.batch_size].to(device)
-            batch_features = F.normalize(features[batch, batch_views].float(), dim=-1)
-            logits = logit_scale * batch_features @ learner.class_embeddings().t()
-            loss = F.cross_entropy(logits, labels[batch])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite prompt learner loss ({loss.item()}) at epoch {epoch + 1}; "
-                    f"lower the learning rate ({training.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        epoch_losses.append(total / num_images)
-        log.debug("prompt learner epoch %d: loss %.4f", epoch + 1, epoch_losses[-1])
+
+    def logits_fn(batch_features, batch):
+        return logit_scale * batch_features @ learner.class_embeddings().t()
+
+    epoch_losses = fit_on_cached_views(
+        features, labels, logits_fn, optimizer, training.epochs, training.batch_size, generator,
+        on_epoch_start=set_epoch_lr, progress=progress, name="prompt learner",
+        hint=f"lower the learning rate ({training.lr})",
+    )
     return epoch_losses

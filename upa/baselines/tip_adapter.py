@@ -34,9 +34,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from upa.method import AdapterTraining, zero_shot_logits
+from upa.method import AdapterTraining, fit_on_cached_views, zero_shot_logits
 
 log = logging.getLogger(__name__)
 
@@ -224,27 +223,12 @@ def train_cache_keys(
     steps_per_epoch = math.ceil(num_images / training.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, training.epochs * steps_per_epoch))
 
-    epoch_losses: list[float] = []
-    for epoch in tqdm(range(training.epochs), desc="Tip-Adapter-F keys", unit="epoch", disable=not progress):
-        order = torch.randperm(num_images, generator=generator)
-        drawn = torch.randint(num_views, (num_images,), generator=generator)
-        total = 0.0
-        for start in range(0, num_images, training.batch_size):
-            batch = order[start : start + training.batch_size].to(device)
-            batch_views = drawn[start : start + training.batch_size].to(device)
-            batch_features = F.normalize(views[batch, batch_views].float(), dim=-1)
-            logits = adapter(batch_features, text_weights, values, logit_scale, alpha, beta)
-            loss = F.cross_entropy(logits, labels[batch])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite Tip-Adapter-F loss ({loss.item()}) at epoch {epoch + 1}; "
-                    f"lower the learning rate ({training.lr}) or beta ({beta})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(batch)
-        epoch_losses.append(total / num_images)
-        log.debug("Tip-Adapter-F epoch %d: loss %.4f", epoch + 1, epoch_losses[-1])
+    def logits_fn(batch_features, batch):
+        return adapter(batch_features, text_weights, values, logit_scale, alpha, beta)
+
+    epoch_losses = fit_on_cached_views(
+        views, labels, logits_fn, optimizer, training.epochs, training.batch_size, generator,
+        scheduler=scheduler, progress=progress, name="Tip-Adapter-F",
+        hint=f"lower the learning rate ({training.lr}) or beta ({beta})",
+    )
     return adapter.weight.detach(), epoch_losses
