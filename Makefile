@@ -4,12 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.upa-installed
 
-# Study settings. PROFILE=demo uses the embedded digits and a randomly initialised encoder;
-# override DATA, ARCH and WEIGHTS to run on real datasets with pretrained weights.
+# Study settings. PROFILE=demo (the default) uses the embedded digits and a randomly initialised
+# encoder on the CPU; PROFILE=gpu uses the CoOp datasets under DATA and pretrained weights.
+# ARCH (backbone) and WEIGHTS replace the profile's choice when given; HF_CACHE names the
+# Hugging Face hub cache that pretrained tags are resolved from.
 DATA ?= data
-DATASET ?= Digits
-ARCH ?= ViT-B-32
-WEIGHTS ?= random
 DEVICE ?= auto
 
 .PHONY: setup study test clean-venv
@@ -21,10 +20,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Executes every notebook with papermill (PROFILE=demo by default, or gpu), collects the tables
+# into results/summary/ and builds the book into _build/html. ARCH and WEIGHTS replace the
+# profile's backbone and weights only when given on the command line or in the environment.
 study: $(STAMP)
-	@if [ "$(DATASET)" = "Digits" ]; then $(VENV)/bin/upa demo-data --data-root "$(DATA)"; fi
-	$(VENV)/bin/upa run --dataset "$(DATASET)" --data-root "$(DATA)" --arch "$(ARCH)" \
-		--weights "$(WEIGHTS)" --device "$(DEVICE)" --experiment study --skip-existing
+	$(PY) -m upa.study --profile "$(or $(PROFILE),demo)" --data-root "$(DATA)" --device "$(DEVICE)" \
+		$(if $(filter command line environment,$(origin ARCH)),--backbone "$(ARCH)") \
+		$(if $(filter command line environment,$(origin WEIGHTS)),--weights "$(WEIGHTS)") \
+		$(if $(HF_CACHE),--hf-cache-dir "$(HF_CACHE)")
 
 test: $(STAMP)
 	$(PY) -m pytest -q

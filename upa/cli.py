@@ -1,4 +1,4 @@
-"""Command line: ``upa run`` for one dataset, ``upa demo`` for the embedded default study."""
+"""Command line: `upa run` for one dataset, `upa demo-data` for the embedded data, `upa datasets` for the table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ DEFAULTS = RunConfig()
 
 
 def resolve_device(name: str) -> torch.device:
-    """Turn "auto", "cpu", "cuda" or "cuda:N" into a device, refusing CUDA where there is none."""
+    """Turn "auto", "cpu", "cuda" or "cuda:N" into a device, rejecting CUDA where torch finds none."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
