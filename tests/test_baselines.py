@@ -226,6 +226,24 @@ def _views_of(features: torch.Tensor, n_views: int = 3):
     return view_fn
 
 
+def _targets(test_features: torch.Tensor, test_labels: torch.Tensor) -> dict:
+    """Domain-shift targets built from the test split, each with a known relation to test_top1.
+
+    same: the test split itself. reversed: the test split with every class in a reversed
+    class_subset, so mapping the subset's arg-max back gives test_top1 again. only_two: the
+    test images of classes 2 and 3 with class_subset [2], so every prediction maps to class 2.
+    shifted: noisy copies of the test features, whose accuracy is not known in advance.
+    """
+    noise = torch.randn(test_features.shape, generator=torch.Generator().manual_seed(11))
+    two_or_three = (test_labels == 2) | (test_labels == 3)
+    return {
+        "same": (test_features, test_labels, None),
+        "reversed": (test_features, test_labels, torch.arange(5).flip(0)),
+        "only_two": (test_features[two_or_three], test_labels[two_or_three], torch.tensor([2])),
+        "shifted": (F.normalize(test_features + 0.2 * noise, dim=-1), test_labels, None),
+    }
+
+
 def _inputs(tiny_clip, seed=0, train_labels=None):
     # A small modality gap keeps every class predicted in 32 dimensions; class 4 keeps 4 of k = 8.
     sim = simulate_clip_features(SimulationConfig(num_classes=5, train_per_class=30, test_per_class=30, dim=DIM,
@@ -249,6 +267,7 @@ def _inputs(tiny_clip, seed=0, train_labels=None):
         clip=tiny_clip,
         classnames=("zero", "one", "two", "three", "four"),
         seed=seed,
+        targets=_targets(sim.test_features[test], sim.test_labels[test]),
     )
 
 
@@ -272,6 +291,40 @@ def test_evaluate_baselines_runs_every_method(baseline_results):
     for name, record in baseline_results.items():
         assert 0.0 <= record["test_top1"] <= 100.0, name
         assert record["selected_by"], name
+        assert set(record["target_top1"]) == {"same", "reversed", "only_two", "shifted"}, name
+        for value in record["target_top1"].values():
+            assert 0.0 <= value <= 100.0, name
+
+
+def test_target_equal_to_test_matches_test_top1(baseline_results):
+    for name, record in baseline_results.items():
+        assert record["target_top1"]["same"] == record["test_top1"], name
+
+
+def test_target_class_subset_maps_predictions_back(tiny_clip, baseline_results):
+    # With class_subset [2] every arg-max is position 0, which must map back to class 2. The
+    # accuracy is then the share of class-2 images among the target's class-2 and class-3 images.
+    _, labels, _ = _inputs(tiny_clip).targets["only_two"]
+    expected = round(100.0 * (labels == 2).sum().item() / len(labels), 4)
+    assert 0.0 < expected < 100.0
+    for name, record in baseline_results.items():
+        assert record["target_top1"]["only_two"] == expected, name
+        # A reversed subset keeps every class, so only a correct mapping reproduces test_top1.
+        assert record["target_top1"]["reversed"] == record["test_top1"], name
+
+
+def test_targets_leave_source_records_unchanged(tiny_clip, baseline_results):
+    # One target with permuted labels instead of the fixture's four: every choice, oracle and
+    # source-test number must stay the same, so no target features or labels feed a decision.
+    inputs = _inputs(tiny_clip)
+    permuted = inputs.test_labels[torch.randperm(len(inputs.test_labels), generator=torch.Generator().manual_seed(3))]
+    inputs.targets = {"permuted": (inputs.test_features, permuted, None)}
+    results = evaluate_baselines(inputs, FAST)
+    for name, record in results.items():
+        assert set(record["target_top1"]) == {"permuted"}, name
+        without_targets = {key: value for key, value in record.items() if key != "target_top1"}
+        expected = {key: value for key, value in baseline_results[name].items() if key != "target_top1"}
+        assert without_targets == expected, name
 
 
 def test_evaluate_baselines_rules_recorded(baseline_results):
@@ -321,6 +374,7 @@ def test_unsupervised_baselines_ignore_train_labels(tiny_clip, baseline_results)
                                                         generator=torch.Generator().manual_seed(5))]
     poisoned = evaluate_baselines(_inputs(tiny_clip, train_labels=poisoned_labels), FAST)
     for name in UNSUPERVISED:
+        assert poisoned[name]["target_top1"], name  # the comparison below covers the target numbers
         assert poisoned[name] == baseline_results[name], name
     assert any(poisoned[name] != baseline_results[name] for name in SUPERVISED)
 
@@ -350,4 +404,19 @@ def test_evaluate_baselines_rejects_width_mismatch(tiny_clip):
     inputs = _inputs(tiny_clip)
     inputs.test_features = inputs.test_features[:, :8]
     with pytest.raises(ValueError, match="test_features"):
+        evaluate_baselines(inputs, FAST)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f, y, s: (f[:, :8], y, s), r"targets\['shifted'\] features must have shape \[N, 32\]"),
+        (lambda f, y, s: (f, y[:-1], s), r"targets\['shifted'\] labels must have shape \[75\]"),
+        (lambda f, y, s: (f, y, torch.tensor([0, 5])), r"targets\['shifted'\] class_subset .* \[0, 5\)"),
+    ],
+)
+def test_evaluate_baselines_rejects_bad_target(tiny_clip, change, message):
+    inputs = _inputs(tiny_clip)
+    inputs.targets = {"shifted": change(*inputs.targets["shifted"])}
+    with pytest.raises(ValueError, match=message):
         evaluate_baselines(inputs, FAST)

@@ -150,3 +150,22 @@ def test_cli_run_with_all_baselines(colour_folder, tmp_path, tiny_arch):
 def test_cli_run_unknown_baseline_rejected(colour_folder, tmp_path, tiny_arch, capsys):
     assert main(_run_args(colour_folder, tmp_path, tiny_arch, "--baselines", "magic")) == 2
     assert "unknown baseline(s) ['magic']" in capsys.readouterr().err
+
+
+def test_cli_run_baselines_on_domain_shift_targets(tmp_path, tiny_arch):
+    assert main(["demo-data", "--data-root", str(tmp_path / "data")]) == 0
+    output = tmp_path / "shift.json"
+    baselines = ("tip_adapter_unsup", "linear_probe_pseudo")
+    args = ["run", "--dataset", "Digits", "--eval-datasets", "DigitsShifted", "--baselines", *baselines,
+            "--data-root", str(tmp_path / "data"), "--arch", tiny_arch, "--weights", "random", "--epochs", "1",
+            "--n-views", "1", "--device", "cpu", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"),
+            "--output", str(output), "--quiet"]
+    assert main(args) == 0
+    result = json.loads(output.read_text())
+
+    shifted = result["metrics"]["DigitsShifted"]
+    for name in baselines:
+        assert 0.0 <= shifted[name] <= 100.0, name
+        assert shifted[name] == result["baselines"][name]["target_top1"]["DigitsShifted"], name
+        assert result["metrics"]["test"][name] == result["baselines"][name]["test_top1"], name
+    assert {"zero_shot_single", "zero_shot_ensemble", "training_free", "up_adapter"} <= set(shifted)

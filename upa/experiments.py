@@ -190,6 +190,8 @@ def run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = 
             baselines = _run_baselines(config, clip, splits, feats, text_main, selection, cache, extract, progress)
         for name, record in baselines.items():
             metrics["test"][name] = record["test_top1"]
+            for target, top1 in record["target_top1"].items():
+                metrics[target][name] = top1
 
     result = _result_record(config, clip, splits, selection, metrics, losses, timings, device)
     if baselines:
@@ -198,8 +200,15 @@ def run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = 
 
 
 def _run_baselines(config, clip, splits, feats, text_main, selection, cache, extract, progress) -> dict:
-    """Run the peer baselines on the same cached features; supervised ones read train and val labels."""
+    """Run the peer baselines on the same cached features; supervised ones read train and val labels.
+
+    Each baseline trained on the source is also evaluated, unchanged, on every domain-shift target.
+    """
     train, test, val = splits["train"], splits["test"], splits.get("val")
+    targets = {
+        key.split(":", 1)[1]: (feats[key], split.labels, split.class_subset)
+        for key, split in splits.items() if key.startswith("target:")
+    }
 
     def view_fn(indices):
         return features_module.augmented_features(clip, train, indices, config.n_views, config.seed, cache, **extract)
@@ -212,7 +221,7 @@ def _run_baselines(config, clip, splits, feats, text_main, selection, cache, ext
         val_labels=val.labels if val is not None else None,
         test_features=feats["test"], test_labels=test.labels, test_class_subset=test.class_subset,
         text_weights=text_main, logit_scale=clip.logit_scale, selection=selection, view_fn=view_fn,
-        clip=clip, classnames=train.classnames, device=extract["device"], seed=config.seed,
+        clip=clip, classnames=train.classnames, device=extract["device"], seed=config.seed, targets=targets,
     )
     settings = BaselineSettings(
         methods=tuple(config.baselines), shots=config.shots, residual_weight=config.beta,

@@ -147,19 +147,27 @@ def _dataset(demo: str = "Digits", gpu: str = "ImageNet") -> Parameter:
     return Parameter("dataset", "str", "dataset the ablation adapts to", {"demo": demo, "gpu": gpu})
 
 
+def _baselines() -> list[Parameter]:
+    """Parameters of the peer baselines, shared by the notebooks whose tables show them."""
+    return [
+        Parameter("baselines", "list[str]", "peer baselines run on the same cached features",
+                  _both(list(BASELINE_METHODS)), check=_one_of(BASELINE_METHODS)),
+        Parameter("shots", "int", "labelled train images per class for the supervised baselines", _both(8),
+                  check=_at_least(1)),
+        # The demo runs the prompt learners for 2 epochs so that the chapter fits a CPU; the gpu
+        # profile uses UPL's 50 and CoOp's 200.
+        Parameter("upl_epochs", "int", "UPL prompt-learning epochs", {"demo": 2, "gpu": 50}, check=_at_least(1)),
+        Parameter("coop_epochs", "int", "CoOp prompt-learning epochs", {"demo": 2, "gpu": 200},
+                  check=_at_least(1)),
+    ]
+
+
 _RECOGNITION = [
     *_common(),
     _backbone(),
     Parameter("datasets", "list[str]", "datasets to adapt to, one run each",
               {"demo": ["Digits"], "gpu": list(RECOGNITION_DATASETS)}, check=_non_empty_unique),
-    Parameter("baselines", "list[str]", "peer baselines run on the same cached features",
-              _both(list(BASELINE_METHODS)), check=_one_of(BASELINE_METHODS)),
-    Parameter("shots", "int", "labelled train images per class for the supervised baselines", _both(8),
-              check=_at_least(1)),
-    # The demo runs the prompt learners for 2 epochs so that the chapter fits a CPU; the gpu
-    # profile uses UPL's 50 and CoOp's 200.
-    Parameter("upl_epochs", "int", "UPL prompt-learning epochs", {"demo": 2, "gpu": 50}, check=_at_least(1)),
-    Parameter("coop_epochs", "int", "CoOp prompt-learning epochs", {"demo": 2, "gpu": 200}, check=_at_least(1)),
+    *_baselines(),
 ]
 _RECOGNITION_SEEDS = {"demo": [0, 1, 2], "gpu": [0, 1, 2]}
 
@@ -169,6 +177,7 @@ _DOMAIN = [
     Parameter("source", "str", "dataset the adapter is trained on", {"demo": "Digits", "gpu": "ImageNet"}),
     Parameter("targets", "list[str]", "test-only datasets evaluated with the adapted model",
               {"demo": ["DigitsShifted"], "gpu": list(DOMAIN_SHIFT_TARGETS)}, check=_non_empty_unique),
+    *_baselines(),
 ]
 
 _K_ABLATION = [

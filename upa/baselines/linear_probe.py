@@ -14,6 +14,7 @@ fits the equivalent binary model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,50 @@ INVERSE_REGULARISATION = 0.316
 MAX_ITERATIONS = 1000
 
 
+def fit_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    seed: int = 0,
+    inverse_regularisation: float = INVERSE_REGULARISATION,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fit logistic regression on (features, labels) and return the fitted probe as a function.
+
+    train_features [M, D] with labels [M] in [0, C) (pseudo-labels for the unsupervised
+    baseline). The returned function maps features [N', D] to log-probabilities [N', C] on the
+    CPU. A class without any training image gets a column of −inf, so it is never predicted but
+    the column layout still matches the C classes. With a single class present every image is
+    assigned to it.
+    """
+    if len(train_labels) == 0:
+        raise ValueError("the linear probe needs at least one training image")
+    labels = train_labels.cpu().long().numpy()
+    present = np.unique(labels)
+    if len(present) == 1:
+        log.warning("the linear probe saw a single class (%d); it predicts that class everywhere", present[0])
+
+        def predict_single(features: torch.Tensor) -> torch.Tensor:
+            logits = torch.full((len(features), num_classes), float("-inf"))
+            logits[:, int(present[0])] = 0.0
+            return logits
+
+        return predict_single
+
+    probe = LogisticRegression(
+        C=inverse_regularisation, solver="lbfgs", max_iter=MAX_ITERATIONS, random_state=seed
+    )
+    probe.fit(train_features.cpu().double().numpy(), labels)
+    columns = torch.from_numpy(probe.classes_).long()
+
+    def predict(features: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((len(features), num_classes), float("-inf"))
+        log_probs = probe.predict_log_proba(features.cpu().double().numpy())
+        logits[:, columns] = torch.from_numpy(log_probs).float()
+        return logits
+
+    return predict
+
+
 def linear_probe_logits(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -33,27 +78,6 @@ def linear_probe_logits(
     seed: int = 0,
     inverse_regularisation: float = INVERSE_REGULARISATION,
 ) -> torch.Tensor:
-    """Fit logistic regression on (features, labels) and return test log-probabilities [N', C].
-
-    train_features [M, D] with labels [M] in [0, C) (pseudo-labels for the unsupervised
-    baseline); test_features [N', D]. A class without any training image gets a column of −inf,
-    so it is never predicted but the column layout still matches the C classes. With a single
-    class present every test image is assigned to it.
-    """
-    if len(train_labels) == 0:
-        raise ValueError("the linear probe needs at least one training image")
-    labels = train_labels.cpu().long().numpy()
-    present = np.unique(labels)
-    logits = torch.full((len(test_features), num_classes), float("-inf"))
-    if len(present) == 1:
-        log.warning("the linear probe saw a single class (%d); it predicts that class everywhere", present[0])
-        logits[:, int(present[0])] = 0.0
-        return logits
-
-    probe = LogisticRegression(
-        C=inverse_regularisation, solver="lbfgs", max_iter=MAX_ITERATIONS, random_state=seed
-    )
-    probe.fit(train_features.cpu().double().numpy(), labels)
-    log_probs = probe.predict_log_proba(test_features.cpu().double().numpy())
-    logits[:, torch.from_numpy(probe.classes_).long()] = torch.from_numpy(log_probs).float()
-    return logits
+    """Fit the probe (see :func:`fit_linear_probe`) and return test log-probabilities [N', C]."""
+    probe = fit_linear_probe(train_features, train_labels, num_classes, seed, inverse_regularisation)
+    return probe(test_features)

@@ -3,6 +3,7 @@
 ``evaluate_baselines`` runs the methods named in ``BaselineSettings.methods`` and returns, per
 method, the test top-1 accuracy, the hyper-parameters used, the rule that chose them (see
 ``upa.protocol``) and, in a separate "oracle" entry, the best test accuracy over the same grid.
+Each trained model is also scored, unchanged, on every domain-shift target.
 
 Which labels each method reads:
 
@@ -12,7 +13,8 @@ Which labels each method reads:
 | tip_adapter_8shot, tip_adapter_f_8shot | 8 per class, drawn from the train split | α, β search | no |
 | coop_8shot | 8 per class, drawn from the train split | never | no |
 
-Test labels are read only to compute the reported accuracy and the oracle column.
+Test and target labels are read only to compute the reported accuracies. The oracle column
+reads the test labels only, and no hyper-parameter is chosen on a target.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from upa import method as up
 from upa import protocol
 from upa.baselines import tip_adapter as tip
-from upa.baselines.linear_probe import INVERSE_REGULARISATION, linear_probe_logits
+from upa.baselines.linear_probe import INVERSE_REGULARISATION, fit_linear_probe
 from upa.baselines.prompt_learner import PromptLearner, PromptTraining, train_prompt_learner
 from upa.method import AdapterTraining, Selection
 
@@ -37,6 +39,10 @@ UNSUPERVISED = ("tip_adapter_unsup", "tip_adapter_f_unsup", "upl", "linear_probe
 SUPERVISED = ("tip_adapter_8shot", "tip_adapter_f_8shot", "coop_8shot")
 METHODS = UNSUPERVISED + SUPERVISED
 VIEW_CHOICES = ("center", "augmented")
+
+# features [N_t, D], labels [N_t] and class_subset [C_t] or None of one domain-shift target.
+EvaluationSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -50,7 +56,9 @@ class BaselineInputs:
     text_weights [C, D] is the zero-shot classifier the selection was made with; logit_scale is
     the model's s. selection contains the pseudo-labelled top-K images. view_fn(indices [M]) returns
     augmented features [M, V, D] of train images. clip is a ``upa.features.LoadedCLIP`` (model and
-    tokenizer drive the prompt learner; only upl and coop_8shot need it).
+    tokenizer drive the prompt learner; only upl and coop_8shot need it). targets maps the name
+    of a domain-shift target to its (features [N_t, D], labels [N_t], class_subset [C_t] or None).
+    Each method's trained model is evaluated on every target without retraining.
     """
 
     train_features: torch.Tensor
@@ -68,6 +76,7 @@ class BaselineInputs:
     classnames: Sequence[str]
     device: str | torch.device = "cpu"
     seed: int = 0
+    targets: dict[str, EvaluationSet] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class _Context:
     test: torch.Tensor
     text: torch.Tensor
     views: _ViewStore
+    targets: dict[str, EvaluationSet]
     num_classes: int = field(init=False)
 
     def __post_init__(self):
@@ -138,6 +148,18 @@ class _Context:
 
     def accuracy(self, logits: torch.Tensor) -> float:
         return round(up.accuracy(logits, self.inputs.test_labels, self.inputs.test_class_subset), 4)
+
+    def evaluate(self, predict: Predictor) -> dict:
+        """Score one trained model on the test split and on every target.
+
+        predict maps features [M, D] to logits [M, C]. Returns test_top1 and target_top1 by target name.
+        """
+        test_top1 = self.accuracy(predict(self.test))
+        target_top1 = {
+            name: round(up.accuracy(predict(features), labels, class_subset), 4)
+            for name, (features, labels, class_subset) in self.targets.items()
+        }
+        return {"test_top1": test_top1, "target_top1": target_top1}
 
     def generator(self) -> torch.Generator:
         """A fresh CPU generator per use, so a method's numbers do not depend on which others ran."""
@@ -147,9 +169,10 @@ class _Context:
         return self.views(selection.indices).to(self.device)
 
 
-def _record(test_top1, hyperparameters, selected_by, labels_read, choice=None, oracle=None, **extra) -> dict:
+def _record(scores, hyperparameters, selected_by, labels_read, choice=None, oracle=None, **extra) -> dict:
+    """Build a method's record from the test_top1 and target_top1 that ``_Context.evaluate`` returns."""
     record = {
-        "test_top1": test_top1,
+        **scores,
         "hyperparameters": hyperparameters,
         "selected_by": selected_by,
         "labels_read": labels_read,
@@ -169,6 +192,13 @@ def _tip_grid(settings: BaselineSettings) -> tuple[list[float], list[float]]:
     betas = tip.search_grid(settings.tip_search_scale[0], settings.tip_search_steps[0])
     alphas = tip.search_grid(settings.tip_search_scale[1], settings.tip_search_steps[1])
     return alphas, betas
+
+
+def _tip_predictor(ctx: _Context, keys, values, alpha: float, beta: float) -> Predictor:
+    def predict(features: torch.Tensor) -> torch.Tensor:
+        return tip.tip_adapter_logits(features, ctx.text, keys, values, ctx.inputs.logit_scale, alpha, beta)
+
+    return predict
 
 
 def _choose_from_table(table: torch.Tensor, alphas, betas, rule) -> protocol.GridChoice:
@@ -223,9 +253,8 @@ def run_tip_adapter_unsup(ctx: _Context) -> dict:
     keys = tip.cache_keys(ctx.selection_views(selection))
     values = tip.cache_values(selection.labels, ctx.num_classes).to(ctx.device)
     beta = choice.params["beta"]
-    logits = tip.tip_adapter_logits(ctx.test, ctx.text, keys, values, ctx.inputs.logit_scale, alpha, beta)
     return _record(
-        ctx.accuracy(logits), {"alpha": alpha, "beta": beta},
+        ctx.evaluate(_tip_predictor(ctx, keys, values, alpha, beta)), {"alpha": alpha, "beta": beta},
         {"alpha": protocol.FIXED, "beta": choice.rule}, "none (pseudo-labels only)", choice,
         _sharpness_oracle(ctx, keys, values, alpha), cache_size=len(selection.indices),
     )
@@ -254,9 +283,8 @@ def run_tip_adapter_f_unsup(ctx: _Context) -> dict:
     keys, losses = trained_keys(selection)
     values = tip.cache_values(selection.labels, ctx.num_classes).to(ctx.device)
     beta = choice.params["beta"]
-    logits = tip.tip_adapter_logits(ctx.test, ctx.text, keys, values, ctx.inputs.logit_scale, alpha, beta)
     return _record(
-        ctx.accuracy(logits),
+        ctx.evaluate(_tip_predictor(ctx, keys, values, alpha, beta)),
         {"alpha": alpha, "beta": beta, "train_beta": tip.INIT_BETA, **_training_dict(ctx.settings.adapter_training)},
         {"alpha": protocol.FIXED, "beta": choice.rule, "training": protocol.FIXED},
         "none (pseudo-labels only)", choice, _sharpness_oracle(ctx, keys, values, alpha),
@@ -309,15 +337,14 @@ def _few_shot_tip(ctx: _Context, train_keys: bool) -> dict:
         )
         extra["epoch_losses"] = [round(x, 6) for x in losses]
     params, rule, choice = _alpha_beta_on_val(ctx, keys, values)
-    logits = tip.tip_adapter_logits(ctx.test, ctx.text, keys, values, ctx.inputs.logit_scale,
-                                    params["alpha"], params["beta"])
+    scores = ctx.evaluate(_tip_predictor(ctx, keys, values, params["alpha"], params["beta"]))
     hyperparameters = dict(params, shots=ctx.settings.shots)
     if train_keys:
         hyperparameters.update(train_alpha=tip.INIT_ALPHA, train_beta=tip.INIT_BETA,
                                **_training_dict(ctx.settings.adapter_training))
     labels_read = f"{ctx.settings.shots} labelled train images per class" + (
         "; val labels for the alpha/beta search" if choice is not None else "")
-    return _record(ctx.accuracy(logits), hyperparameters, {"alpha, beta": rule, "shots": protocol.FIXED},
+    return _record(scores, hyperparameters, {"alpha, beta": rule, "shots": protocol.FIXED},
                    labels_read, choice, _alpha_beta_oracle(ctx, keys, values), **extra)
 
 
@@ -357,9 +384,12 @@ def _prompt_run(ctx: _Context, indices: torch.Tensor, labels: torch.Tensor, trai
                                   ctx.generator(), ctx.settings.progress)
     with torch.no_grad():
         text = learner.class_embeddings().to(ctx.device)
-    logits = up.zero_shot_logits(ctx.test, text, ctx.inputs.logit_scale)
+
+    def predict(features: torch.Tensor) -> torch.Tensor:
+        return up.zero_shot_logits(features, text, ctx.inputs.logit_scale)
+
     hyperparameters = {"n_ctx": ctx.settings.n_ctx, "views": ctx.settings.prompt_views, **asdict(training)}
-    return ctx.accuracy(logits), hyperparameters, [round(x, 6) for x in losses]
+    return ctx.evaluate(predict), hyperparameters, [round(x, 6) for x in losses]
 
 
 def run_upl(ctx: _Context) -> dict:
@@ -370,8 +400,9 @@ def run_upl(ctx: _Context) -> dict:
     is the study's (one backbone, the run's prompts), not UPL*'s multi-backbone ensemble.
     """
     selection = ctx.inputs.selection
-    top1, hyperparameters, losses = _prompt_run(ctx, selection.indices, selection.labels, ctx.settings.upl_training)
-    return _record(top1, hyperparameters, protocol.FIXED, "none (pseudo-labels only)", epoch_losses=losses)
+    scores, hyperparameters, losses = _prompt_run(ctx, selection.indices, selection.labels,
+                                                  ctx.settings.upl_training)
+    return _record(scores, hyperparameters, protocol.FIXED, "none (pseudo-labels only)", epoch_losses=losses)
 
 
 def run_coop_8shot(ctx: _Context) -> dict:
@@ -382,9 +413,9 @@ def run_coop_8shot(ctx: _Context) -> dict:
     """
     shots = _few_shot(ctx)
     labels = ctx.inputs.train_labels[shots]
-    top1, hyperparameters, losses = _prompt_run(ctx, shots, labels, ctx.settings.coop_training)
+    scores, hyperparameters, losses = _prompt_run(ctx, shots, labels, ctx.settings.coop_training)
     hyperparameters["shots"] = ctx.settings.shots
-    return _record(top1, hyperparameters, protocol.FIXED, f"{ctx.settings.shots} labelled train images per class",
+    return _record(scores, hyperparameters, protocol.FIXED, f"{ctx.settings.shots} labelled train images per class",
                    epoch_losses=losses)
 
 
@@ -399,10 +430,9 @@ def run_linear_probe_pseudo(ctx: _Context) -> dict:
     test prediction is the probe alone, without the zero-shot term.
     """
     selection = ctx.inputs.selection
-    logits = linear_probe_logits(ctx.inputs.train_features[selection.indices], selection.labels,
-                                 ctx.inputs.test_features, ctx.num_classes, ctx.inputs.seed,
-                                 ctx.settings.linear_probe_c)
-    return _record(ctx.accuracy(logits), {"C": ctx.settings.linear_probe_c}, protocol.FIXED,
+    probe = fit_linear_probe(ctx.inputs.train_features[selection.indices], selection.labels, ctx.num_classes,
+                             ctx.inputs.seed, ctx.settings.linear_probe_c)
+    return _record(ctx.evaluate(probe), {"C": ctx.settings.linear_probe_c}, protocol.FIXED,
                    "none (pseudo-labels only)")
 
 
@@ -448,10 +478,16 @@ def run_up_adapter_label_free(ctx: _Context) -> dict:
         branch = beta * up.prototype_affinity(ctx.train[holdout.indices], weights, params["eta"])
         return protocol.branch_accuracy(branch, holdout.labels)
 
-    def test_top1(params):
+    def predictor(params) -> Predictor:
         weights = _fit_prototypes(ctx, params, ctx.inputs.selection)
-        logits = up.up_adapter_logits(ctx.test, ctx.text, weights, ctx.inputs.logit_scale, beta, params["eta"])
-        return ctx.accuracy(logits)
+
+        def predict(features: torch.Tensor) -> torch.Tensor:
+            return up.up_adapter_logits(features, ctx.text, weights, ctx.inputs.logit_scale, beta, params["eta"])
+
+        return predict
+
+    def test_top1(params):
+        return ctx.accuracy(predictor(params)(ctx.test))
 
     default = {"eta": float(ctx.settings.default_eta), "epochs": int(ctx.settings.adapter_training.epochs)}
     choice = protocol.select_on_pseudo_holdout(grid, score, ctx.inputs.selection, ctx.settings.holdout_fraction,
@@ -460,7 +496,7 @@ def run_up_adapter_label_free(ctx: _Context) -> dict:
     oracle = protocol.oracle_grid(oracle_points, test_top1) if ctx.settings.oracle else None
     hyperparameters = {"beta": beta, **choice.params, "prototype_views": ctx.settings.prototype_views,
                        **_training_dict(ctx.settings.adapter_training, with_epochs=False)}
-    return _record(test_top1(choice.params), hyperparameters,
+    return _record(ctx.evaluate(predictor(choice.params)), hyperparameters,
                    {"beta": protocol.FIXED, "eta, epochs": choice.rule, "training": protocol.FIXED},
                    "none (pseudo-labels only)", choice, oracle)
 
@@ -500,6 +536,8 @@ def _validate(inputs: BaselineInputs, settings: BaselineSettings) -> None:
         if features is not None and (features.ndim != 2 or features.shape[1] != width):
             raise ValueError(f"BaselineInputs.{name} must have shape [N, {width}] to match text_weights "
                              f"[{num_classes}, {width}], got {tuple(features.shape)}")
+    for name, (features, labels, class_subset) in inputs.targets.items():
+        _validate_target(name, features, labels, class_subset, num_classes, width)
     if len(inputs.classnames) != num_classes:
         raise ValueError(f"BaselineInputs.classnames has {len(inputs.classnames)} names but text_weights has "
                          f"{num_classes} rows")
@@ -508,10 +546,25 @@ def _validate(inputs: BaselineInputs, settings: BaselineSettings) -> None:
                          f"{num_classes}")
 
 
+def _validate_target(name, features, labels, class_subset, num_classes: int, width: int) -> None:
+    where = f"BaselineInputs.targets[{name!r}]"
+    if features.ndim != 2 or features.shape[1] != width:
+        raise ValueError(f"{where} features must have shape [N, {width}] to match text_weights "
+                         f"[{num_classes}, {width}], got {tuple(features.shape)}")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"{where} labels must have shape [{features.shape[0]}], one per feature row, "
+                         f"got {tuple(labels.shape)}")
+    if class_subset is not None and (len(class_subset) == 0 or class_subset.min() < 0
+                                     or class_subset.max() >= num_classes):
+        raise ValueError(f"{where} class_subset must list class indices in [0, {num_classes}), "
+                         f"got {class_subset.tolist()}")
+
+
 def evaluate_baselines(inputs: BaselineInputs, settings: BaselineSettings = BaselineSettings()) -> dict[str, dict]:
     """Run each baseline in ``settings.methods`` and return its record, keyed by method name.
 
-    A record contains test_top1 (percent), hyperparameters, selected_by (the rule behind each
+    A record contains test_top1 (percent), target_top1 (percent per name in
+    ``inputs.targets``, empty without targets), hyperparameters, selected_by (the rule behind each
     hyper-parameter), labels_read, selection_scores where a grid was scored, and oracle. The
     oracle is the best test accuracy over the same grid, or None, and is never a reported result.
     """
@@ -525,10 +578,13 @@ def evaluate_baselines(inputs: BaselineInputs, settings: BaselineSettings = Base
         test=inputs.test_features.to(device).float(),
         text=inputs.text_weights.to(device).float(),
         views=_ViewStore(inputs.view_fn),
+        targets={name: (features.to(device).float(), labels, class_subset)
+                 for name, (features, labels, class_subset) in inputs.targets.items()},
     )
     results: dict[str, dict] = {}
     for name in settings.methods:
         log.info("baseline %s", name)
         results[name] = RUNNERS[name](ctx)
-        log.info("baseline %s: test top-1 %.2f %%", name, results[name]["test_top1"])
+        log.info("baseline %s: test top-1 %.2f %%, targets %s", name, results[name]["test_top1"],
+                 results[name]["target_top1"])
     return results
