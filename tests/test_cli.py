@@ -39,7 +39,9 @@ def test_cli_run_writes_self_describing_result(colour_folder, tmp_path, tiny_arc
     assert result["config"]["k"] == 4
     assert len(result["training"]["epoch_losses"]) == 2
     assert result["environment"]["git_commit"]
-    assert "not a reproduction" in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert "not a reproduction" in output.out
+    assert "encode images" not in output.err
 
 
 def test_cli_run_refuses_existing_result(colour_folder, tmp_path, tiny_arch, capsys):
@@ -51,6 +53,8 @@ def test_cli_run_refuses_existing_result(colour_folder, tmp_path, tiny_arch, cap
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--skip-existing"]) == 0
     assert (tmp_path / "results" / "run.json").read_text() == before
+    assert main(args + ["--skip-existing", "--num-workers", "1", "--cache-dir", str(tmp_path / "other")]) == 0
+    assert "existing result kept" in capsys.readouterr().out
     assert main(args + ["--skip-existing", "--k", "3"]) == 2
     assert "another config" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--k", "3"]) == 0
@@ -67,11 +71,14 @@ def test_cli_run_same_seed_identical_metrics(colour_folder, tmp_path, tiny_arch)
     assert first["training"]["epoch_losses"] == second["training"]["epoch_losses"]
 
 
-def test_cli_run_corrupt_image_names_file(colour_folder, tmp_path, tiny_arch, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_cli_run_corrupt_image_names_file(colour_folder, tmp_path, tiny_arch, capsys, workers):
     broken = colour_folder / "images" / "green" / "001.png"
     broken.write_bytes(b"this is not a png")
-    assert main(_run_args(colour_folder, tmp_path, tiny_arch)) == 2
-    assert str(broken) in capsys.readouterr().err
+    assert main(_run_args(colour_folder, tmp_path, tiny_arch, "--num-workers", workers)) == 2
+    err = capsys.readouterr().err
+    assert f"upa: error: cannot load image {broken}: " in err
+    assert "DataLoader worker" not in err
 
 
 def test_cli_run_cmyk_and_grayscale_images(colour_folder, tmp_path, tiny_arch):

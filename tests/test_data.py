@@ -568,4 +568,6 @@ def test_image_dataset_corrupt_file_in_worker_names_file(tmp_path):
 
     with pytest.raises(ImageLoadError) as info:
         next(iter(loader))
-    assert str(broken) in str(info.value)
+    assert str(info.value).startswith(f"cannot load image {broken}: ")
+    assert "DataLoader worker" not in str(info.value)
+    assert info.value.path == str(broken)

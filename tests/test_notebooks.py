@@ -193,6 +193,9 @@ STUDY_OVERRIDES = {
                    "epochs": 2, "num_classes": 4, "train_per_class": 20, "test_per_class": 20, "dim": 16},
 }
 _BUILT: dict = {}
+# Result folder of the generated "Folder" dataset: upa.experiments.result_path appends the data
+# folder's name, here the "colours" folder that build_study_once writes.
+FOLDER_RESULTS = "Folder-colours"
 
 
 def build_study_once(base: Path) -> dict:
@@ -237,24 +240,24 @@ def test_overrides_reach_result_files(built_study):
     results = built_study["results"]
     arch = built_study["arch"]
 
-    recognition = load_results(results / "recognition" / "Folder")
+    recognition = load_results(results / "recognition" / FOLDER_RESULTS)
     assert sorted(record["seed"] for record in recognition) == [7]
     assert {record["config"]["arch"] for record in recognition} == {arch}
     assert {record["config"]["k"] for record in recognition} == {3}
     imagenet_skipped = json.loads((results / "recognition" / "ImageNet" / f"not-run__{arch}__random.json").read_text())
     assert "runs Folder only" in imagenet_skipped["reason"]
 
-    domain = load_results(results / "domain_generalisation" / "Folder")
+    domain = load_results(results / "domain_generalisation" / FOLDER_RESULTS)
     assert [record["config"]["eval_datasets"] for record in domain] == [[]]
     assert (results / "domain_generalisation" / "ImageNetR" / f"not-run__{arch}__random.json").exists()
 
-    assert sorted(record["config"]["k"] for record in load_results(results / "k_ablation" / "Folder")) == [1, 2]
-    grid = load_results(results / "beta_eta" / "Folder")
+    assert sorted(record["config"]["k"] for record in load_results(results / "k_ablation" / FOLDER_RESULTS)) == [1, 2]
+    grid = load_results(results / "beta_eta" / FOLDER_RESULTS)
     assert sorted((r["config"]["beta"], r["config"]["eta"]) for r in grid) == [(0.5, 2.0), (2.0, 2.0)]
-    assert sorted(r["config"]["epochs"] for r in load_results(results / "epochs" / "Folder")) == [0, 2]
-    assert {r["config"]["arch"] for r in load_results(results / "backbones" / "Folder")} == {arch}
+    assert sorted(r["config"]["epochs"] for r in load_results(results / "epochs" / FOLDER_RESULTS)) == [0, 2]
+    assert {r["config"]["arch"] for r in load_results(results / "backbones" / FOLDER_RESULTS)} == {arch}
     # The choice grid uses the overridden choices; the views ablation keeps the defaults of the rest.
-    choices = load_results(results / "open_choices" / "Folder")
+    choices = load_results(results / "open_choices" / FOLDER_RESULTS)
     settings = {(r["config"]["prompts"], r["config"]["prototype_views"], r["config"]["fill_shortfall"],
                  r["config"]["n_views"]) for r in choices}
     assert settings == {("single", "center", True, 1), ("single", "augmented", True, 1),

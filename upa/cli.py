@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -45,8 +44,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                        help="'random' (explicit random initialisation), 'pretrained:TAG' resolved offline from the "
                             "local Hugging Face cache (e.g. pretrained:openai), or 'file:PATH' to a checkpoint")
     model.add_argument("--hf-cache-dir", default=None,
-                       help="Hugging Face hub cache to resolve pretrained tags in (default: HF_HUB_CACHE or "
-                            "~/.cache/huggingface/hub)")
+                       help="Hugging Face hub cache to resolve pretrained tags in (None: HF_HUB_CACHE, "
+                            "HF_HOME/hub or ~/.cache/huggingface/hub)")
     model.add_argument("--allow-pickle", action="store_true",
                        help="allow a full pickle load of a checkpoint file that torch's weights_only loader rejects; "
                             "only for files you trust")
@@ -86,7 +85,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--cache-dir", default=DEFAULTS.cache_dir, help="feature cache folder (safetensors files)")
     io.add_argument("--results-dir", default="results", help="folder for result files")
     io.add_argument("--experiment", default="runs", help="sub-folder of --results-dir that groups runs")
-    io.add_argument("--output", default=None, help="result file path (default: derived from the config)")
+    io.add_argument("--output", default=None, help="result file path (None: <results-dir>/<experiment>/<dataset>/<name from the config>.json)")
     existing = io.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace an existing result file")
     existing.add_argument("--skip-existing", action="store_true",
@@ -107,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _print_summary(result: dict, path: Path) -> None:
+def _print_summary(result: dict, path: Path, written: bool) -> None:
     print(f"provenance: {result['provenance_label']}")
     for target, metrics in result["metrics"].items():
         cells = ", ".join(f"{name} {value:.2f}%" for name, value in metrics.items())
@@ -118,7 +117,7 @@ def _print_summary(result: dict, path: Path) -> None:
     if not result["reproduction"]:
         print("NOTE: these numbers come from random weights or non-benchmark data; they test the code "
               "and are not a reproduction of the paper.")
-    print(f"result written to {path}")
+    print(f"result written to {path}" if written else f"existing result kept at {path} (--skip-existing)")
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -126,11 +125,11 @@ def command_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     device = resolve_device(args.device)
-    result, path = run_and_save(
+    result, path, written = run_and_save(
         config, device, output=args.output, results_dir=args.results_dir, experiment=args.experiment,
         overwrite=args.overwrite, skip_existing=args.skip_existing, progress=not args.quiet,
     )
-    _print_summary(result, path)
+    _print_summary(result, path, written)
     return 0
 
 

@@ -55,10 +55,21 @@ IMAGENET_CLASSNAMES_FILE = "classnames.txt"
 AIRCRAFT_VARIANTS_FILE = "variants.txt"
 
 
+_WORKER_PREFIX = "Caught ImageLoadError in DataLoader worker"
+
+
 class ImageLoadError(RuntimeError):
     """Error for an image file that PIL cannot open or decode, stored in ``path``."""
 
     def __init__(self, path: str | Path, reason: str | None = None):
+        text = str(path)
+        if reason is None and text.startswith(_WORKER_PREFIX):
+            # A DataLoader worker re-raises as ImageLoadError(<worker traceback>). Its last line
+            # contains the original message; keep that, so the error reads as in the main process.
+            message = text.rstrip().splitlines()[-1].split("ImageLoadError: ", 1)[-1]
+            self.path = message.removeprefix("cannot load image ").split(": ", 1)[0]
+            super().__init__(message)
+            return
         self.path = path
         message = f"cannot load image {path}"
         if reason is not None:

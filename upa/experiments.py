@@ -44,7 +44,21 @@ def result_path(config: RunConfig, results_dir: str | Path = "results", experime
     """Return the default result file of a run: <dir>/<experiment>/<dataset>/<backbone>__<weights>__....json."""
     weights = slug(config.weights.split(":", 1)[-1] if ":" in config.weights else config.weights)
     name = f"{slug(config.arch)}__{weights[:40]}__k{config.k}_b{config.beta:g}_e{config.eta:g}__seed{config.seed}.json"
-    return Path(results_dir) / experiment / config.dataset / name
+    dataset = config.dataset
+    if dataset == "Folder":
+        # Bring-your-own folders are told apart by the folder's name.
+        dataset = f"Folder-{slug(Path(config.data_root).resolve().name)}"
+    return Path(results_dir) / experiment / dataset / name
+
+
+# Settings that change where or how fast a run computes, but not its numbers.
+EXECUTION_FIELDS = ("cache_dir", "hf_cache_dir", "num_workers", "extract_batch_size")
+
+
+def same_run(recorded: dict, config: RunConfig) -> bool:
+    """Compare a result file's recorded config with ``config``, ignoring EXECUTION_FIELDS."""
+    requested = json.loads(json.dumps(config.as_dict()))
+    return all(recorded.get(name) == value for name, value in requested.items() if name not in EXECUTION_FIELDS)
 
 
 def describe_data(split) -> dict:
@@ -154,11 +168,14 @@ def run(config: RunConfig, device: str | torch.device = "cpu", progress: bool = 
     scale = clip.logit_scale
 
     with _timed(timings, "text_s"):
-        text_single = features_module.text_classifier(clip, train.classnames, (spec.single_template,), device, cache)
-        text_ensemble = features_module.text_classifier(clip, train.classnames, spec.ensemble_templates, device, cache)
+        text_single = features_module.text_classifier(
+            clip, train.classnames, (spec.single_template,), device, cache, progress=progress)
+        text_ensemble = features_module.text_classifier(
+            clip, train.classnames, spec.ensemble_templates, device, cache, progress=progress)
     text_main = text_ensemble if config.prompts == "ensemble" else text_single
 
-    extract = dict(device=device, batch_size=config.extract_batch_size, num_workers=config.num_workers)
+    extract = dict(device=device, batch_size=config.extract_batch_size, num_workers=config.num_workers,
+                   progress=progress)
     with _timed(timings, "image_features_s"):
         feats = {key: features_module.image_features(clip, split, cache, **extract) for key, split in splits.items()}
 
@@ -299,11 +316,12 @@ def run_and_save(
     overwrite: bool = False,
     skip_existing: bool = False,
     progress: bool = True,
-) -> tuple[dict, Path]:
+) -> tuple[dict, Path, bool]:
     """Run and write the result file; an existing file is refused before any work starts.
 
-    With ``skip_existing`` an existing file whose recorded config equals this one is returned
-    unchanged, so interrupted sweeps resume; one with another config is refused.
+    With ``skip_existing`` an existing file whose recorded config equals this one (see
+    :func:`same_run`) is returned unchanged, so interrupted sweeps resume; one with another
+    config is refused. The third value tells whether the file was written by this call.
     """
     validate(config)
     config = canonical(config)
@@ -315,14 +333,14 @@ def run_and_save(
                 f"--skip-existing to keep it, or choose another --output"
             )
         existing = json.loads(path.read_text())
-        if existing.get("config") != json.loads(json.dumps(config.as_dict())):
+        if not same_run(existing.get("config", {}), config):
             raise ResultExistsError(
                 f"result file {path} exists but was made with another config; "
                 f"delete it, pass --overwrite, or choose another --output"
             )
         log.info("keeping existing result %s", path)
-        return existing, path
+        return existing, path, False
     result = run(config, device, progress)
     write_result(result, path, overwrite=overwrite)
     log.info("wrote %s", path)
-    return result, path
+    return result, path, True

@@ -195,8 +195,8 @@ def resolve_pretrained_cfg(cfg: Mapping[str, Any], cache_dir: str | Path | None 
         f"{label}: none of {candidates} from the Hugging Face repository {repo_id} is in the local "
         f"cache {folder / ('models--' + repo_id.replace('/', '--'))}. This program never downloads. "
         f"On a machine with network access run `hf download {repo_id} {candidates[-1]}` "
-        f"and copy the cache folder here, or point HF_HUB_CACHE or the cache_dir option at an "
-        f"existing cache."
+        f"and copy the cache folder here, or point HF_HUB_CACHE, the --hf-cache-dir option of "
+        f"upa run or the hf_cache_dir notebook parameter at an existing cache."
     )
 
 
@@ -440,7 +440,7 @@ def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
 
 
 def _encode_loader(loaded: LoadedCLIP, loader: DataLoader, out: torch.Tensor, device: torch.device,
-                   amp: bool | None, desc: str, unit: str) -> torch.Tensor:
+                   amp: bool | None, desc: str, unit: str, progress: bool = True) -> torch.Tensor:
     """Encode every batch of ``loader`` into the rows of ``out`` [R, D], in loader order.
 
     A batch is [B, 3, H, W] or [B, V, 3, H, W]; views are flattened into consecutive rows.
@@ -449,7 +449,8 @@ def _encode_loader(loaded: LoadedCLIP, loader: DataLoader, out: torch.Tensor, de
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     input_dtype = get_input_dtype(loaded.precision)
     offset = 0
-    with torch.inference_mode(), autocast, tqdm(total=len(out), desc=desc, unit=unit, leave=False) as bar:
+    with torch.inference_mode(), autocast, tqdm(total=len(out), desc=desc, unit=unit, leave=False,
+                                                disable=not progress) as bar:
         for images, _ in loader:
             images = images.flatten(0, images.ndim - 4).to(device, dtype=input_dtype, non_blocking=True)
             features = loaded.model.encode_image(images)
@@ -475,7 +476,7 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int | None, device: 
 
 
 def encode_images(loaded: LoadedCLIP, dataset: ImageDataset, device: str | torch.device, batch_size: int = 128,
-                  num_workers: int | None = None, amp: bool | None = None) -> torch.Tensor:
+                  num_workers: int | None = None, amp: bool | None = None, progress: bool = True) -> torch.Tensor:
     """Encode every image of ``dataset`` and return float32 L2-normalised features [N, D] on the CPU.
 
     Row i belongs to ``dataset[i]``. Features stream into one preallocated tensor, so memory
@@ -487,7 +488,7 @@ def encode_images(loaded: LoadedCLIP, dataset: ImageDataset, device: str | torch
         raise ValueError("dataset is empty: nothing to encode")
     out = torch.empty(len(dataset), loaded.embed_dim, dtype=torch.float32)
     loader = _loader(dataset, batch_size, num_workers, device)
-    return _encode_loader(loaded, loader, out, device, amp, desc="encode images", unit="img")
+    return _encode_loader(loaded, loader, out, device, amp, desc="encode images", unit="img", progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +592,7 @@ class _AugmentedViews(Dataset):
 
 def encode_augmented(loaded: LoadedCLIP, split: ImageSplit, indices: Sequence[int], n_views: int, seed: int,
                      device: str | torch.device, batch_size: int = 128, num_workers: int | None = None,
-                     amp: bool | None = None) -> torch.Tensor:
+                     amp: bool | None = None, progress: bool = True) -> torch.Tensor:
     """Encode V seeded augmented views of the split images ``indices`` without a cache: [M, V, D].
 
     ``batch_size`` counts views, so a batch contains batch_size // V images, at least one.
@@ -600,7 +601,8 @@ def encode_augmented(loaded: LoadedCLIP, split: ImageSplit, indices: Sequence[in
     dataset = _AugmentedViews(split, indices, augment_transform(loaded), n_views, seed)
     out = torch.empty(len(indices), n_views, loaded.embed_dim, dtype=torch.float32)
     loader = _loader(dataset, max(1, batch_size // n_views), num_workers, device)
-    _encode_loader(loaded, loader, out.view(-1, loaded.embed_dim), device, amp, desc="encode views", unit="view")
+    _encode_loader(loaded, loader, out.view(-1, loaded.embed_dim), device, amp, desc="encode views", unit="view",
+                   progress=progress)
     return out
 
 
@@ -730,7 +732,8 @@ def _split_key(loaded: LoadedCLIP, split: ImageSplit, device: torch.device, amp:
 
 
 def image_features(loaded: LoadedCLIP, split: ImageSplit, cache: FeatureCache | None, device: str | torch.device,
-                   batch_size: int = 128, num_workers: int | None = None, amp: bool | None = None) -> torch.Tensor:
+                   batch_size: int = 128, num_workers: int | None = None, amp: bool | None = None,
+                   progress: bool = True) -> torch.Tensor:
     """Return the center-view features [N, D] of every image in ``split``, from ``cache`` when present."""
     device = torch.device(device)
     key = {**_split_key(loaded, split, device, amp), "kind": "image", "view": "center",
@@ -740,7 +743,8 @@ def image_features(loaded: LoadedCLIP, split: ImageSplit, cache: FeatureCache | 
         if cached is not None:
             log.info("Loaded %s %s features from the cache", split.dataset, split.split)
             return cached["features"]
-    features = encode_images(loaded, ImageDataset(split, loaded.preprocess), device, batch_size, num_workers, amp)
+    features = encode_images(loaded, ImageDataset(split, loaded.preprocess), device, batch_size, num_workers, amp,
+                             progress)
     if cache is not None:
         cache.save(key, {"features": features})
     return features
@@ -759,7 +763,8 @@ def _check_indices(indices: torch.Tensor, num_images: int) -> torch.Tensor:
 
 def augmented_features(loaded: LoadedCLIP, split: ImageSplit, indices: torch.Tensor, n_views: int, seed: int,
                        cache: FeatureCache | None, device: str | torch.device, batch_size: int = 128,
-                       num_workers: int | None = None, amp: bool | None = None) -> torch.Tensor:
+                       num_workers: int | None = None, amp: bool | None = None,
+                       progress: bool = True) -> torch.Tensor:
     """Return V seeded augmented views of the split images ``indices`` [M]: features [M, V, D].
 
     View v of image i is drawn from a generator seeded by (seed, i, v), so it does not depend on
@@ -781,7 +786,8 @@ def augmented_features(loaded: LoadedCLIP, split: ImageSplit, indices: torch.Ten
     missing = sorted(set(indices.tolist()) - set(known.tolist()))
     if missing:
         log.info("Encoding %d views of %d images (%d already cached)", n_views, len(missing), len(known))
-        fresh = encode_augmented(loaded, split, missing, n_views, seed, device, batch_size, num_workers, amp)
+        fresh = encode_augmented(loaded, split, missing, n_views, seed, device, batch_size, num_workers, amp,
+                                 progress)
         known = torch.cat([known, torch.tensor(missing, dtype=torch.int64)])
         stored = torch.cat([stored, fresh])
         order = torch.argsort(known)
@@ -811,7 +817,7 @@ def _check_templates(classnames: Sequence[str], templates: Sequence[str]) -> Non
 
 def text_classifier(loaded: LoadedCLIP, classnames: Sequence[str], templates: Sequence[str],
                     device: str | torch.device, cache: FeatureCache | None = None,
-                    batch_size: int = 256) -> torch.Tensor:
+                    batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Build the zero-shot text classifier T [C, D] (float32, CPU).
 
     Every template is filled with the class name and encoded. Each class's L2-normalised
@@ -831,7 +837,8 @@ def text_classifier(loaded: LoadedCLIP, classnames: Sequence[str], templates: Se
     prompts = [template.format(name) for name in classnames for template in templates]
     embeddings = torch.empty(len(prompts), loaded.embed_dim, dtype=torch.float32)
     with torch.inference_mode():
-        for start in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", unit="batch", leave=False):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", unit="batch", leave=False,
+                           disable=not progress):
             tokens = loaded.tokenizer(prompts[start:start + batch_size]).to(device)
             features = loaded.model.encode_text(tokens).float()
             embeddings[start:start + len(tokens)] = F.normalize(features, dim=-1).cpu()

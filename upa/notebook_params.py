@@ -121,7 +121,8 @@ def _common() -> list[Parameter]:
         Parameter("device", "str", "auto, cpu, cuda or cuda:N", _both("auto")),
         Parameter("weights", "str", "random, pretrained:TAG or file:PATH",
                   {"demo": "random", "gpu": "pretrained:openai"}),
-        Parameter("seeds", "list[int]", "seeds of augmentation and training", {"demo": [0], "gpu": [0, 1, 2]},
+        # Every number is a mean ± std over three seeds, in the demo profile too.
+        Parameter("seeds", "list[int]", "seeds of augmentation and training", _both([0, 1, 2]),
                   check=_all(_non_empty_unique, _at_least(0))),
         Parameter("k", "int", "pseudo-labelled images kept per class", _both(16), check=_at_least(1)),
         Parameter("beta", "float", "residual weight of the affinity term", _both(_RUN_DEFAULTS.beta),
@@ -169,7 +170,6 @@ _RECOGNITION = [
               {"demo": ["Digits"], "gpu": list(RECOGNITION_DATASETS)}, check=_non_empty_unique),
     *_baselines(),
 ]
-_RECOGNITION_SEEDS = {"demo": [0, 1, 2], "gpu": [0, 1, 2]}
 
 _DOMAIN = [
     *_common(),
@@ -258,9 +258,6 @@ NOTEBOOKS: dict[str, list[Parameter]] = {
     "simulation": _SIMULATION,
 }
 
-# Defaults that differ from the shared ones for one notebook.
-_OVERRIDDEN_DEFAULTS = {("recognition", "seeds"): _RECOGNITION_SEEDS}
-
 
 def declared(notebook: str) -> dict[str, Parameter]:
     """Return the parameters of ``notebook`` by name."""
@@ -270,8 +267,7 @@ def declared(notebook: str) -> dict[str, Parameter]:
 
 
 def profile_default(notebook: str, parameter: Parameter, profile: str) -> Any:
-    defaults = _OVERRIDDEN_DEFAULTS.get((notebook, parameter.name), parameter.defaults)
-    value = defaults.get(profile)
+    value = parameter.defaults.get(profile)
     return list(value) if isinstance(value, list) else value
 
 
