@@ -571,3 +571,15 @@ def test_image_dataset_corrupt_file_in_worker_names_file(tmp_path):
     assert str(info.value).startswith(f"cannot load image {broken}: ")
     assert "DataLoader worker" not in str(info.value)
     assert info.value.path == str(broken)
+
+
+def test_cached_fingerprint_computed_once(tmp_path, monkeypatch):
+    _write_pets(tmp_path)
+    split = load_split(tmp_path, "OxfordPets", "test")
+    calls = []
+    original = ImageSplit.fingerprint
+    monkeypatch.setattr(ImageSplit, "fingerprint", lambda self: calls.append(1) or original(self))
+    first = split.cached_fingerprint()
+    second = split.cached_fingerprint()
+    assert first == second == original(split)
+    assert len(calls) == 1

@@ -136,7 +136,7 @@ def test_select_confident_fill_shortfall_without_free_images():
 def test_select_confident_fill_shortfall_uses_own_column():
     probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
     selection = select_confident(probs, k=2, fill_shortfall=True)
-    # Class 1 keeps images 3 and 2, its most confident; class 0 has one arg-max image and is
+    # Class 1 keeps images 3 and 2, its most confident. Class 0 has one arg-max image, so it is
     # topped up with image 1, the free image with the highest class-0 probability (0.4).
     assert selection.indices[selection.labels == 1].tolist() == [3, 2]
     assert selection.indices[selection.labels == 0].tolist() == [0, 1]
@@ -221,13 +221,13 @@ def _up_adapter_gain(config: SimulationConfig, k: int = 16) -> tuple[float, floa
     return zero_shot, adapted
 
 
-def test_up_adapter_beats_zero_shot_when_clusters_are_tight():
+def test_up_adapter_gain_tight_clusters():
     # Image clusters (noise 0.5) far tighter than the text alignment (noise 2.0).
     zero_shot, adapted = _up_adapter_gain(SimulationConfig(image_noise=0.5, text_noise=2.0))
     assert adapted > zero_shot + 5.0
 
 
-def test_up_adapter_gain_small_when_clusters_are_loose():
+def test_up_adapter_gain_loose_clusters():
     # Loose clusters (noise 3.0) around well-aligned text (noise 0.5): prototypes add little, and
     # the study documents that the gain stays within a few points rather than turning negative.
     zero_shot, adapted = _up_adapter_gain(SimulationConfig(image_noise=3.0, text_noise=0.5))

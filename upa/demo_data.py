@@ -11,7 +11,7 @@ nothing is downloaded) as PNG files and a zhou-style split file:
 
 ``build_digits_shifted`` writes a test-only copy of the Digits test images under a distribution
 shift (strokes inverted to black on white and rotated by 20 degrees) to
-``<data_root>/digits-shifted/`` in the same layout. It stands in for ImageNet's shifted test
+``<data_root>/digits-shifted/`` in the same layout. It replaces ImageNet's shifted test
 sets in the demo of the domain-generalisation notebook: adapt on Digits, evaluate on both.
 
 Pixel values 0..16 are scaled to 0..255, giving white strokes on black as in the source data.

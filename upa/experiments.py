@@ -46,7 +46,7 @@ def result_path(config: RunConfig, results_dir: str | Path = "results", experime
     name = f"{slug(config.arch)}__{weights[:40]}__k{config.k}_b{config.beta:g}_e{config.eta:g}__seed{config.seed}.json"
     dataset = config.dataset
     if dataset == "Folder":
-        # Bring-your-own folders are told apart by the folder's name.
+        # The folder's name keeps the results of different bring-your-own folders apart.
         dataset = f"Folder-{slug(Path(config.data_root).resolve().name)}"
     return Path(results_dir) / experiment / dataset / name
 
@@ -70,7 +70,7 @@ def describe_data(split) -> dict:
         "root": str(split.root),
         "num_images": len(split.paths),
         "num_classes": len(split.classnames),
-        "fingerprint": split.fingerprint(),
+        "fingerprint": split.cached_fingerprint(),
         "kind": data_kind(spec.name),
     }
     marker = Path(split.root) / "PROVENANCE.json"
@@ -97,14 +97,18 @@ def _timed(timings: dict, name: str):
     timings[name] = round(time.perf_counter() - start, 3)
 
 
+def _exists_error(path: Path) -> ResultExistsError:
+    return ResultExistsError(
+        f"result file {path} already exists; pass --overwrite to replace it, "
+        f"--skip-existing to keep it, or choose another --output"
+    )
+
+
 def write_result(result: dict, path: Path, overwrite: bool = False) -> Path:
     """Write JSON atomically; an existing file is replaced only with ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise ResultExistsError(
-            f"result file {path} already exists; pass --overwrite to replace it, "
-            f"--skip-existing to keep it, or choose another --output"
-        )
+        raise _exists_error(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -262,8 +266,13 @@ def _fine_tune(views, selection, text_main, prototypes, scale, config, device, p
     )
 
 
+def _short_classes(selection, k: int) -> list[int]:
+    """Return the classes that kept fewer than k pseudo-labelled images."""
+    return [c for c, n in enumerate(selection.counts.tolist()) if n < k]
+
+
 def _warn_short_classes(selection, config: RunConfig, classnames) -> None:
-    short = [c for c, n in enumerate(selection.counts.tolist()) if n < config.k]
+    short = _short_classes(selection, config.k)
     if short:
         names = ", ".join(f"{classnames[c]} ({int(selection.counts[c])})" for c in short[:10])
         more = f" and {len(short) - 10} more" if len(short) > 10 else ""
@@ -294,7 +303,7 @@ def _result_record(config, clip, splits, selection, metrics, losses, timings, de
             "pool_size": len(train.paths),
             "selected": len(selection.indices),
             "counts_per_class": dict(zip(train.classnames, selection.counts.tolist())),
-            "short_classes": [train.classnames[c] for c, n in enumerate(selection.counts.tolist()) if n < config.k],
+            "short_classes": [train.classnames[c] for c in _short_classes(selection, config.k)],
             "filled": int(selection.filled.sum()),
             "precision_of_selected_percent": None if precision is None else round(precision, 4),
             "note": "precision is measured against the pool's true labels for analysis only",
@@ -321,17 +330,14 @@ def run_and_save(
 
     With ``skip_existing`` an existing file whose recorded config equals this one (see
     :func:`same_run`) is returned unchanged, so interrupted sweeps resume; one with another
-    config is refused. The third value tells whether the file was written by this call.
+    config is refused. The third value is True when this call wrote the file.
     """
     validate(config)
     config = canonical(config)
     path = Path(output) if output is not None else result_path(config, results_dir, experiment)
     if path.exists() and not overwrite:
         if not skip_existing:
-            raise ResultExistsError(
-                f"result file {path} already exists; pass --overwrite to replace it, "
-                f"--skip-existing to keep it, or choose another --output"
-            )
+            raise _exists_error(path)
         existing = json.loads(path.read_text())
         if not same_run(existing.get("config", {}), config):
             raise ResultExistsError(

@@ -725,7 +725,7 @@ def _split_key(loaded: LoadedCLIP, split: ImageSplit, device: torch.device, amp:
         **_model_key(loaded),
         "dataset": split.dataset,
         "split": split.split,
-        "split_fingerprint": split.fingerprint(),
+        "split_fingerprint": split.cached_fingerprint(),
         "n_images": str(len(split)),
         "autocast": str(dtype).replace("torch.", "") if dtype else "off",
     }

@@ -72,8 +72,8 @@ def up_adapter_logits(
 class Selection:
     """The pseudo-labelled images kept for building prototypes.
 
-    indices [M] index the unlabeled pool; labels [M] are their pseudo-labels; confidences [M]
-    the softmax probability of that label; counts [C] how many images each class kept;
+    indices [M] index the unlabeled pool and labels [M] are their pseudo-labels. confidences [M]
+    is the softmax probability of each pseudo-label, and counts [C] the images each class kept.
     filled [M] marks images added by ``fill_shortfall`` rather than by their arg-max.
     """
 
@@ -195,9 +195,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, class_subset: torch.Ten
 class AdapterTraining:
     """Fine-tuning settings of the prototype layer.
 
-    The optimiser, learning rate, eps, schedule, epoch count and batch size follow Tip-Adapter-F's
-    published recipe (AdamW, lr 1e-3, eps 1e-4, cosine, 20 epochs, batch 256), the closest peer
-    that trains a cache of this form; UP-Adapter's own recipe is not public.
+    UP-Adapter's own recipe is not public. The optimiser, learning rate, eps, schedule, epoch
+    count and batch size therefore follow Tip-Adapter-F (AdamW, lr 1e-3, eps 1e-4, cosine, 20
+    epochs, batch 256), the closest peer that trains a cache of this form.
     """
 
     epochs: int = 20

@@ -1,4 +1,4 @@
-"""What produced a number: code version, packages, device, weights and data."""
+"""Provenance of a number: code version, packages, device, weights and data."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def environment(device: torch.device) -> dict:
 
 
 def provenance_label(weights: dict, data: dict) -> str:
-    """Summarise weights and data in one line, and say when a number is no reproduction."""
+    """Summarise weights and data in one line, marking a number that is no reproduction."""
     if weights.get("random_init"):
         weights_text = f"randomly initialised {weights['arch']}"
     elif weights.get("kind") == "pretrained":
@@ -72,5 +72,5 @@ def provenance_label(weights: dict, data: dict) -> str:
 
 
 def is_reproduction(weights: dict, data: dict) -> bool:
-    """A number can stand beside the paper's only with trained weights on a real benchmark dataset."""
+    """Return True only for trained weights on a real benchmark dataset, the numbers comparable to published ones."""
     return not weights.get("random_init") and data.get("kind") == "real benchmark dataset"

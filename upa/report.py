@@ -35,7 +35,7 @@ RUN_SCHEMAS = ("upa.run/1", "upa.simulation/1")
 NOT_RUN_SCHEMA = "upa.not_run/1"
 PUBLISHED_CSV = "published_numbers.csv"
 
-# NOTE: the few-shot labels say 8-shot, the default of RunConfig.shots; a run with another
+# NOTE: the few-shot labels read 8-shot, the default of RunConfig.shots; a run with another
 # --shots keeps these labels, and its result file records the shots actually used.
 METHOD_LABELS = {
     "zero_shot": "Zero-shot CLIP",
